@@ -19,3 +19,4 @@ test: install
 bench: install
 	$(PYTHON) bench/bench_mpu.py
 	$(PYTHON) bench/bench_model.py
+	$(PYTHON) bench/bench_preprocess.py

@@ -33,6 +33,15 @@ def test_demo_trains_and_matches_tp1(nproc, tp):
 
 STDLIB = set(sys.stdlib_module_names)
 
+# package -> (third-party modules it may import, megatron packages it may import). Arrows point
+# down only: mpu <- model; mpu <- tokenizer <- data; training and tasks sit above them all.
+LAYERS = {
+    "mpu": ({"torch"}, {"mpu"}),
+    "model": ({"torch"}, {"mpu", "model"}),
+    "tokenizer": ({"regex", "sentencepiece", "numpy"}, {"tokenizer"}),
+    "data": ({"numpy", "torch", "regex", "sentencepiece", "nltk"}, {"mpu", "tokenizer", "data"}),
+}
+
 
 def _imports(path):
     tree = ast.parse(path.read_text(), filename=str(path))
@@ -40,15 +49,23 @@ def _imports(path):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            yield node.module
+            if node.module == "megatron":  # from megatron import mpu
+                yield from (f"megatron.{alias.name}" for alias in node.names)
+            else:
+                yield node.module
 
 
-def test_mpu_depends_on_torch_alone():
-    for path in sorted((ROOT / "megatron" / "mpu").glob("*.py")):
+@pytest.mark.parametrize("package", sorted(LAYERS))
+def test_packages_import_only_the_layers_below_them(package):
+    third_party, own = LAYERS[package]
+    for path in sorted((ROOT / "megatron" / package).glob("*.py")):
         for name in _imports(path):
-            top = name.split(".")[0]
-            assert top in STDLIB or top == "torch" or name.startswith("megatron.mpu"), (
-                f"{path.name} imports {name}")
+            parts = name.split(".")
+            if parts[0] == "megatron":
+                assert len(parts) > 1 and parts[1] in own, f"{package}/{path.name} imports {name}"
+            else:
+                assert parts[0] in STDLIB or parts[0] in third_party, (
+                    f"{package}/{path.name} imports {name}")
 
 
 def test_library_code_is_device_agnostic_and_does_not_print():

@@ -1,0 +1,1 @@
+"""The data pipeline: indexed datasets, preprocessing, the BERT pretraining dataset, samplers."""
