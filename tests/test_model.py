@@ -281,3 +281,23 @@ def test_shard_full_state_dict_errors_name_the_parameter():
     with pytest.raises(ValueError, match=r"binary_head.weight: shape \(3, 64\) does not fit"):
         shard_full_state_dict(full, model)
 
+
+
+def test_megatron_checkpoint_nesting_round_trips():
+    from megatron.model.bert_model import flat_state_dict, nested_state_dict
+
+    flat = BertModel(tiny_config()).state_dict()
+    nested = nested_state_dict(flat)
+    assert sorted(nested) == ["binary_head", "language_model", "lm_head"]
+    assert sorted(nested["language_model"]) == ["embedding", "encoder", "pooler"]
+    assert "weight" in nested["language_model"]["embedding"]["word_embeddings"]
+    assert "layers.1.self_attention.query_key_value.weight" in nested["language_model"]["encoder"]
+    assert "dense.weight" in nested["lm_head"] and "weight" in nested["binary_head"]
+    back = flat_state_dict(nested)
+    assert set(back) == set(flat) and all(back[k] is flat[k] for k in flat)
+    # Pre-2021 checkpoints call the encoder "transformer".
+    old = {**nested, "language_model": {**nested["language_model"]}}
+    old["language_model"]["transformer"] = old["language_model"].pop("encoder")
+    assert set(flat_state_dict(old)) == set(flat)
+    with pytest.raises(ValueError, match="'language_model.decoder.x' is not in Megatron's layout"):
+        nested_state_dict({"language_model.decoder.x": torch.zeros(1)})

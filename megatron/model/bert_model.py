@@ -210,3 +210,59 @@ class MultipleChoice(nn.Module):
         flat = lambda t: None if t is None else t.reshape(B * C, S)  # noqa: E731
         _, pooled = self.language_model(flat(input_ids), flat(attention_mask), flat(tokentype_ids))
         return self.multichoice_head(self.multichoice_dropout(pooled)).view(B, C)
+
+
+# ------------------------------------------------------------------ Megatron checkpoint nesting
+
+_EMBEDDING_PREFIX = "language_model.embedding."
+_NESTED_LANGUAGE_MODEL_PARTS = ("encoder", "pooler")
+
+
+def nested_state_dict(flat: dict) -> dict:
+    """Megatron-LM's checkpoint nesting of a flat state dict of these models.
+
+    ``language_model.embedding.word_embeddings.weight`` becomes
+    ``["language_model"]["embedding"]["word_embeddings"]["weight"]``; the encoder and the pooler
+    keep flat keys inside their dicts (``["language_model"]["encoder"]["layers.0.mlp..."]``);
+    every head is one dict of flat keys (``["lm_head"]["dense.weight"]``,
+    ``["binary_head"]["weight"]``). This is the layout Megatron-LM's tools and Hugging Face's
+    Megatron-BERT converter read.
+
+    Raises:
+        ValueError: for a key outside that layout.
+    """
+    nested: dict = {}
+    for key, value in flat.items():
+        if key.startswith(_EMBEDDING_PREFIX):
+            name, _, rest = key[len(_EMBEDDING_PREFIX):].partition(".")
+            embedding = nested.setdefault("language_model", {}).setdefault("embedding", {})
+            embedding.setdefault(name, {})[rest] = value
+        elif key.startswith("language_model."):
+            part, _, rest = key[len("language_model."):].partition(".")
+            if part not in _NESTED_LANGUAGE_MODEL_PARTS or not rest:
+                raise ValueError(f"state dict key {key!r} is not in Megatron's layout")
+            nested.setdefault("language_model", {}).setdefault(part, {})[rest] = value
+        else:
+            head, _, rest = key.partition(".")
+            if not rest:
+                raise ValueError(f"state dict key {key!r} is not in Megatron's layout")
+            nested.setdefault(head, {})[rest] = value
+    return nested
+
+
+def flat_state_dict(nested: dict) -> dict:
+    """Inverse of :func:`nested_state_dict` (also accepts the pre-2021 name ``transformer``)."""
+    flat = {}
+    for head, part in nested.items():
+        if head != "language_model":
+            flat.update({f"{head}.{key}": value for key, value in part.items()})
+            continue
+        for name, sub in part.items():
+            if name == "embedding":
+                for embedding, tensors in sub.items():
+                    flat.update({f"{_EMBEDDING_PREFIX}{embedding}.{key}": value
+                                 for key, value in tensors.items()})
+            else:
+                name = "encoder" if name == "transformer" else name
+                flat.update({f"language_model.{name}.{key}": value for key, value in sub.items()})
+    return flat
