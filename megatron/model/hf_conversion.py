@@ -143,6 +143,20 @@ def qkv_from_hf(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 # ---------------------------------------------------------------------------- name mapping
 
 
+def _name_pairs(config: BertConfig, head: str):
+    """``(ours, theirs, optional)`` for every tensor that maps one to one, in both directions.
+
+    Optional tensors (the binary head, token-type embeddings) are converted when present.
+    """
+    for ours, theirs in list(_TOP_MAP.items()) + list(_HEAD_MAP[head].items()):
+        yield ours, theirs, ours.startswith("binary_head") or "tokentype" in ours
+    for i in range(config.num_layers):
+        for ours, theirs in _LAYER_MAP.items():
+            for kind in ("weight", "bias"):
+                yield (f"language_model.encoder.layers.{i}.{ours}.{kind}",
+                       f"bert.encoder.layer.{i}.{theirs}.{kind}", False)
+
+
 def _head_type(state_dict: StateDict) -> str:
     if "classification_head.weight" in state_dict:
         return "classification"
@@ -174,14 +188,11 @@ def megatron_to_hf_state_dict(full: StateDict, config: BertConfig,
 
     hf = {"bert.embeddings.word_embeddings.weight":
           take("language_model.embedding.word_embeddings.weight")[:vocab]}
-    for ours, theirs in list(_TOP_MAP.items()) + list(_HEAD_MAP[head].items()):
-        if ours in full or not (ours.startswith("binary_head") or "tokentype" in ours):
+    for ours, theirs, optional in _name_pairs(config, head):
+        if ours in full or not optional:
             hf[theirs] = take(ours)
     for i in range(config.num_layers):
         src, dst = f"language_model.encoder.layers.{i}.", f"bert.encoder.layer.{i}."
-        for ours, theirs in _LAYER_MAP.items():
-            for kind in ("weight", "bias"):
-                hf[f"{dst}{theirs}.{kind}"] = take(f"{src}{ours}.{kind}")
         for kind in ("weight", "bias"):
             q, k, v = qkv_to_hf(take(f"{src}self_attention.query_key_value.{kind}"),
                                 config.num_attention_heads)
@@ -244,15 +255,11 @@ def _hf_to_megatron(hf: StateDict, config: BertConfig, head: str) -> StateDict:
     ours = {"language_model.embedding.word_embeddings.weight":
             pad_rows(take("bert.embeddings.word_embeddings.weight"),
                      "bert.embeddings.word_embeddings.weight")}
-    for mine, theirs in list(_TOP_MAP.items()) + list(_HEAD_MAP[head].items()):
-        optional = mine.startswith("binary_head") or "tokentype" in mine
+    for mine, theirs, optional in _name_pairs(config, head):
         if theirs in hf or not optional:
             ours[mine] = take(theirs)
     for i in range(config.num_layers):
         dst, src = f"language_model.encoder.layers.{i}.", f"bert.encoder.layer.{i}."
-        for mine, theirs in _LAYER_MAP.items():
-            for kind in ("weight", "bias"):
-                ours[f"{dst}{mine}.{kind}"] = take(f"{src}{theirs}.{kind}")
         for kind in ("weight", "bias"):
             parts = [take(f"{src}attention.self.{p}.{kind}") for p in ("query", "key", "value")]
             ours[f"{dst}self_attention.query_key_value.{kind}"] = qkv_from_hf(

@@ -77,7 +77,26 @@ class AbstractTokenizer(abc.ABC):
         return self._missing("UNK")
 
 
-class _BertWordPieceTokenizer(AbstractTokenizer):
+class _VocabTableTokenizer(AbstractTokenizer):
+    """A tokenizer whose vocabulary is held in ``self._vocab`` and ``self._inv_vocab``."""
+
+    _vocab: Dict[str, int]
+    _inv_vocab: Dict[int, str]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def vocab(self) -> Dict[str, int]:
+        return self._vocab
+
+    @property
+    def inv_vocab(self) -> Dict[int, str]:
+        return self._inv_vocab
+
+
+class _BertWordPieceTokenizer(_VocabTableTokenizer):
     """BERT's WordPiece tokenizer (original Google rules; see ``bert_tokenization``).
 
     Args:
@@ -109,18 +128,6 @@ class _BertWordPieceTokenizer(AbstractTokenizer):
             self._vocab[token] = index
             self._inv_vocab[index] = token
             self._additional_special_tokens.append(token)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def vocab(self) -> Dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> Dict[int, str]:
-        return self._inv_vocab
 
     def tokenize(self, text: str) -> List[int]:
         return self.tokenizer.encode(text)
@@ -164,7 +171,7 @@ class _BertWordPieceTokenizer(AbstractTokenizer):
         return [self._vocab[token] for token in self._additional_special_tokens]
 
 
-class _SentencePieceTokenizer(AbstractTokenizer):
+class _SentencePieceTokenizer(_VocabTableTokenizer):
     """A SentencePiece model with BERT's special tokens added.
 
     ``<CLS>``, ``<SEP>``, ``<EOD>``, ``<MASK>`` and ``<PAD>`` (and ``<BOS>``/``<EOS>`` when the
@@ -214,18 +221,6 @@ class _SentencePieceTokenizer(AbstractTokenizer):
             self._inv_vocab[index] = token
         self._special[token] = self._vocab[token]
         return self._vocab[token]
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def vocab(self) -> Dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> Dict[int, str]:
-        return self._inv_vocab
 
     def tokenize(self, text: str) -> List[int]:
         return self.tokenizer.EncodeAsIds(text)
