@@ -1,5 +1,6 @@
 # Two commands set up and run everything on a fresh machine (see README.md):
-#   make demo   installs, then runs the demo on 2 CPU processes with tensor parallelism 2
+#   make demo   installs, then pretrains a tiny BERT (pretrain_bert.py with no data flags) on
+#               2 CPU processes with tensor parallelism 2
 #   make test   installs, then runs the whole test suite
 PYTHON ?= python3
 NPROC ?= 2
@@ -11,7 +12,7 @@ install:
 
 demo: install
 	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) \
-		examples/tp_demo.py --tensor-model-parallel-size $(NPROC)
+		pretrain_bert.py --tensor-model-parallel-size $(NPROC)
 
 test: install
 	$(PYTHON) -m pytest
@@ -20,3 +21,4 @@ bench: install
 	$(PYTHON) bench/bench_mpu.py
 	$(PYTHON) bench/bench_model.py
 	$(PYTHON) bench/bench_preprocess.py
+	$(PYTHON) bench/bench_train.py

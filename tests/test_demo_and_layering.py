@@ -40,6 +40,7 @@ LAYERS = {
     "model": ({"torch"}, {"mpu", "model"}),
     "tokenizer": ({"regex", "sentencepiece", "numpy"}, {"tokenizer"}),
     "data": ({"numpy", "torch", "regex", "sentencepiece", "nltk"}, {"mpu", "tokenizer", "data"}),
+    "training": ({"numpy", "torch", "apex"}, {"mpu", "model", "data", "tokenizer", "training"}),
 }
 
 

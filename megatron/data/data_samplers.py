@@ -154,6 +154,9 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, *, micro_batch
                                                    data_parallel_size, seed=seed)
     else:
         raise ValueError(f"dataloader_type {dataloader_type!r} is not 'single' or 'cyclic'")
+    # A generator of its own: creating an iterator then draws no number from torch's global
+    # generator, so resuming from a checkpoint replays dropout exactly.
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=num_workers > 0)
+                                       persistent_workers=num_workers > 0,
+                                       generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,1 @@
+"""Training: arguments, optimizer, schedules, loss scaling, checkpointing, logging, pretrain()."""
