@@ -143,3 +143,26 @@ def _tp_dp_step_worker(rank, world_size):
 
 def test_a_tp_dp_step_issues_one_gradient_and_one_norm_all_reduce():
     run_distributed(_tp_dp_step_worker, 4)
+
+
+def test_clipping_inside_the_fused_kernel_equals_clipping_the_gradients_first():
+    results = {}
+    for fused in (True, False):
+        model = _model()
+        optimizer = MegatronOptimizer(model, lr=1e-2, clip_grad=0.05, fused=fused)
+        assert optimizer._fused_grad_scale == fused
+        for step in range(3):
+            optimizer.zero_grad()
+            _backward(model, optimizer, seed=step)
+            updated, norm = optimizer.step()
+            assert updated and norm > 0.05  # every step clips
+        results[fused] = [p.detach().clone() for p in model.parameters()]
+    for fused, plain in zip(results[True], results[False]):
+        # Adam updates are ~lr = 1e-2 per step; rounding differs only where gradients are ~0.
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    # Without clipping, nothing is left behind for the next step.
+    model = _model()
+    optimizer = MegatronOptimizer(model, lr=1e-2, clip_grad=1e6, fused=True)
+    _backward(model, optimizer)
+    optimizer.step()
+    assert optimizer.optimizer.grad_scale is None

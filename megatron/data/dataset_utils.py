@@ -4,6 +4,7 @@ All randomness comes from the ``np_rng`` (a ``numpy.random.RandomState``) passed
 is a pure function of the data and the seed.
 """
 
+import functools
 import logging
 from typing import List, Sequence, Tuple
 
@@ -127,6 +128,15 @@ def _words(tokens: np.ndarray, special: np.ndarray, start_piece: np.ndarray) -> 
     return np.stack([first, ends], axis=1)
 
 
+@functools.lru_cache(maxsize=None)
+def _ngram_cdf(longest: int) -> np.ndarray:
+    """Normalised CDF of ``P(n) ~ 1/n`` for ``n`` in ``1..longest``, as ``np.random.choice``."""
+    pvals = 1.0 / np.arange(1, longest + 1)
+    cdf = (pvals / pvals.sum()).cumsum()
+    cdf /= cdf[-1]
+    return cdf
+
+
 def _choose_spans(words: np.ndarray, num_to_predict: int, max_ngrams: int,
                   np_rng: np.random.RandomState) -> List[int]:
     """Positions to predict: n-grams of whole words, ``P(n) ~ 1/n``, never overlapping.
@@ -134,7 +144,10 @@ def _choose_spans(words: np.ndarray, num_to_predict: int, max_ngrams: int,
     An n-gram is ``n`` consecutive words; its positions are those of its words only, so a
     special token between them (``[SEP]``) is never chosen.
     """
-    pvals = 1.0 / np.arange(1, max_ngrams + 1)
+    # P(n) ~ 1/n over the n-grams that fit. Drawing one uniform number against the normalised
+    # CDF is what ``np_rng.choice(longest, p=...)`` does, minus its per-call validation, so the
+    # random stream (and every sample) is unchanged.
+    cdfs = [None] + [_ngram_cdf(longest) for longest in range(1, max_ngrams + 1)]
     cumulative = np.concatenate([[0], np.cumsum(words[:, 1] - words[:, 0])])
     taken = np.zeros(len(words), dtype=bool)
     chosen = 0
@@ -142,7 +155,7 @@ def _choose_spans(words: np.ndarray, num_to_predict: int, max_ngrams: int,
         if chosen >= num_to_predict:
             break
         longest = min(max_ngrams, len(words) - word)
-        n = int(np_rng.choice(longest, p=pvals[:longest] / pvals[:longest].sum())) + 1
+        n = int(cdfs[longest].searchsorted(np_rng.random_sample(), side="right")) + 1
         while n > 0 and chosen + cumulative[word + n] - cumulative[word] > num_to_predict:
             n -= 1
         if n == 0 or taken[word:word + n].any():

@@ -7,7 +7,7 @@ checkpointing, batch broadcasting and gradient clipping.
 
 from megatron.mpu.cross_entropy import vocab_parallel_cross_entropy
 from megatron.mpu.data import broadcast_data
-from megatron.mpu.grads import clip_grad_norm
+from megatron.mpu.grads import clip_grad_norm, get_grad_norm
 from megatron.mpu.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -101,6 +101,7 @@ __all__ = [
     # data and gradients
     "broadcast_data",
     "clip_grad_norm",
+    "get_grad_norm",
     # utilities
     "divide",
     "ensure_divisibility",

@@ -6,8 +6,9 @@
    (:func:`allreduce_gradients`); the tensor-parallel group never sees them;
 2. for fp16, the loss-scaled gradients are unscaled and checked for inf/NaN (the check is
    all-reduced over the tensor-parallel group, so every rank skips the same steps);
-3. the global gradient norm (every shard once, every replicated parameter once) is computed and
-   clipped with :func:`megatron.mpu.clip_grad_norm`;
+3. the global gradient norm (every shard once, every replicated parameter once) is computed with
+   :func:`megatron.mpu.get_grad_norm` and the gradients clipped to ``clip_grad`` (inside the
+   fused AdamW kernel where there is one);
 4. ``torch.optim.AdamW`` (``fused=True`` where the device has it, apex's ``FusedAdam`` on CUDA when
    installed) updates the fp32 parameters, and half-precision models get a copy of the result.
 
@@ -150,6 +151,8 @@ class MegatronOptimizer:
         self.master_params = [p for group in groups for p in group["params"]]
         make, self.implementation = _adam_class(self.model_params[0].device, fused)
         self.optimizer = make(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self._fused_grad_scale = (isinstance(self.optimizer, torch.optim.AdamW)
+                                  and bool(self.optimizer.defaults.get("fused")))
         logger.info("optimizer: %s over %d tensors%s", self.implementation,
                     len(self.model_params), " with fp32 master weights" if self.half else "")
 
@@ -224,19 +227,33 @@ class MegatronOptimizer:
         if self.half:
             for master, param in zip(self.master_params, self.model_params):
                 master.grad = param.main_grad
-        max_norm = self.clip_grad if self.clip_grad > 0 else math.inf
-        grad_norm = mpu.clip_grad_norm(self.master_params, max_norm,
-                                       process_group=self.tensor_parallel_group)
-        if not math.isfinite(grad_norm) and self.grad_scaler is None:
+        norm = mpu.get_grad_norm(self.master_params, process_group=self.tensor_parallel_group)
+        grad_norm = float(norm)
+        if not math.isfinite(grad_norm):
             raise FloatingPointError(
-                f"gradient norm is {grad_norm}: the gradients are not finite (without fp16 loss "
-                "scaling there is no step to skip); stopping before the weights are updated")
+                f"gradient norm is {grad_norm}: the gradients are not finite; stopping before "
+                "the weights are updated")
+        self._clip(norm, grad_norm)
         self.optimizer.step()
         if self.half:
             for master, param in zip(self.master_params, self.model_params):
                 param.copy_(master)
                 master.grad = None
         return True, grad_norm
+
+    def _clip(self, norm: torch.Tensor, grad_norm: float) -> None:
+        """Scale the gradients by ``clip_grad / norm`` when the norm exceeds ``clip_grad``.
+
+        torch's fused AdamW divides each gradient by its ``grad_scale`` attribute inside the
+        update kernel (the hook AMP's GradScaler uses), so there the clipping costs no pass over
+        the gradients of its own; other implementations scale the gradients first.
+        """
+        clip = self.clip_grad > 0 and self.clip_grad / (grad_norm + 1.0e-6) < 1.0
+        if self._fused_grad_scale:
+            self.optimizer.grad_scale = ((norm + 1.0e-6) / self.clip_grad).reshape(1) if clip \
+                else None
+        elif clip:
+            torch.nn.utils.clip_grads_with_norm_(self.master_params, self.clip_grad, norm)
 
     def state_dict(self) -> dict:
         """Megatron-LM's layout: AdamW state, plus scaler and fp32 masters for half models."""
