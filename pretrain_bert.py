@@ -21,6 +21,7 @@ from megatron.data.dataset_utils import build_train_valid_test_datasets
 from megatron.model import BertModel
 from megatron.tokenizer import build_tokenizer
 from megatron.training import arguments
+from megatron.training.errors import exit_on_error
 from megatron.training.training import pretrain
 from megatron.training.utils import configure_console, print_rank_0
 
@@ -118,7 +119,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_error("pretrain_bert.py"):
         main()
-    except (arguments.ArgumentError, ValueError, FloatingPointError) as error:
-        sys.exit(f"pretrain_bert.py: error: {error}")

@@ -1,5 +1,6 @@
 """Checkpoints: Megatron's layout and keys, atomic saves, clear errors on bad checkpoints."""
 
+import json
 import logging
 import os
 
@@ -123,7 +124,20 @@ def test_bad_checkpoints_give_errors_naming_the_file(tmp_path):
 
     save_checkpoint(4, model, optimizer, scheduler, save_dir=str(tmp_path))
     path = tmp_path / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt"
-    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    data = path.read_bytes()
+    path.write_bytes(data[:1000])  # truncated
+    with pytest.raises(CheckpointError, match=f"{path} is truncated or corrupt: 1000 bytes, "
+                                              f"{len(data)} when saved"):
+        load_checkpoint(model, load_dir=str(tmp_path))
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=f"{path} is corrupt: its SHA-256 differs"):
+        load_checkpoint(model, load_dir=str(tmp_path))
+    # Without the integrity record (Megatron-LM's own checkpoints), torch.load still fails
+    # clearly on a truncated file.
+    (tmp_path / "iter_0000004" / "checkpoint_integrity.json").unlink()
+    path.write_bytes(data[:1000])
     with pytest.raises(CheckpointError, match=f"cannot read checkpoint file {path}"):
         load_checkpoint(model, load_dir=str(tmp_path))
     path.unlink()
@@ -158,3 +172,52 @@ def test_finetune_release_and_missing_optimizer_state(tmp_path):
     os.rename(tmp_path / "iter_0000005", tmp_path / "release")
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("release")
     assert load_checkpoint(_setup(seed=2)[0], load_dir=str(tmp_path))[0] == 0
+
+
+def test_integrity_record_ckpt_step_and_keep_last_n(tmp_path):
+    model, optimizer, scheduler = _setup()
+    weights = {}
+    for iteration in (1, 2, 3):
+        _step(model, optimizer, scheduler)
+        save_checkpoint(iteration, model, optimizer, scheduler, save_dir=str(tmp_path))
+        weights[iteration] = [p.detach().clone() for p in model.parameters()]
+    record = json.loads((tmp_path / "iter_0000003" / "checkpoint_integrity.json").read_text())
+    shard = tmp_path / "iter_0000003" / "mp_rank_00" / "model_optim_rng.pt"
+    assert record["iteration"] == 3 and record["tensor_model_parallel_size"] == 1
+    assert record["files"]["mp_rank_00/model_optim_rng.pt"]["bytes"] == shard.stat().st_size
+    # --ckpt-step: an earlier iteration than the tracker's, or a clear error.
+    fresh, opt, sched = _setup(seed=4)
+    assert load_checkpoint(fresh, opt, sched, load_dir=str(tmp_path), iteration=2)[0] == 2
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), weights[2]))
+    with pytest.raises(CheckpointError, match=r"--ckpt-step 7: .*iter_0000007 does not exist "
+                                              r"\(checkpoints in .*: 1, 2, 3\)"):
+        load_checkpoint(fresh, load_dir=str(tmp_path), iteration=7)
+    # keep_last_n deletes the oldest only after the new one is complete.
+    _step(model, optimizer, scheduler)
+    save_checkpoint(4, model, optimizer, scheduler, save_dir=str(tmp_path), keep_last_n=2)
+    assert checkpointing.list_checkpoints(str(tmp_path)) == [3, 4]
+    monkeypatched = {"called": False}
+
+    def fail(*args, **kwargs):
+        monkeypatched["called"] = True
+        raise KeyboardInterrupt("killed while publishing")
+
+    original = checkpointing._publish
+    checkpointing._publish = fail
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(5, model, optimizer, scheduler, save_dir=str(tmp_path), keep_last_n=1)
+    finally:
+        checkpointing._publish = original
+    assert monkeypatched["called"] and checkpointing.list_checkpoints(str(tmp_path)) == [3, 4]
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "4"
+
+
+def test_an_interrupted_resave_of_the_same_iteration_is_recovered(tmp_path):
+    model, optimizer, scheduler = _setup()
+    save_checkpoint(6, model, optimizer, scheduler, save_dir=str(tmp_path))
+    # The window between "final -> final.old" and "staging -> final" of a re-save.
+    os.replace(tmp_path / "iter_0000006", tmp_path / "iter_0000006.old")
+    fresh, opt, sched = _setup(seed=8)
+    assert load_checkpoint(fresh, opt, sched, load_dir=str(tmp_path))[0] == 6
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))

@@ -8,6 +8,7 @@ state here through :func:`resolve_tensor_model_parallel_group`, which treats "no
 initialised" as a group of one, so every layer also works as a plain single-process module.
 """
 
+import datetime
 import dataclasses
 import logging
 from typing import Optional, Tuple
@@ -100,7 +101,8 @@ def tensor_and_data_parallel_ranks(
     return tp_groups, dp_groups
 
 
-def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> ParallelState:
+def initialize_model_parallel(tensor_model_parallel_size: int = 1, *,
+                              timeout: Optional[datetime.timedelta] = None) -> ParallelState:
     """Create the tensor- and data-parallel groups on an initialised ``torch.distributed``.
 
     Tensor-parallel groups are blocks of consecutive ranks, so with one process per device and
@@ -124,6 +126,9 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> ParallelSt
 
     Args:
         tensor_model_parallel_size: number of ranks each layer is split over.
+        timeout: how long a collective of the new groups may wait for a peer before it fails
+            (``torch.distributed``'s default for the backend when ``None``; ``new_group`` does
+            not inherit the timeout given to ``init_process_group``).
 
     Returns:
         The :class:`ParallelState` now in force.
@@ -155,11 +160,11 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> ParallelSt
     my_tp_ranks: Tuple[int, ...] = ()
     my_dp_ranks: Tuple[int, ...] = ()
     for ranks in dp_groups:
-        group = dist.new_group(list(ranks))
+        group = dist.new_group(list(ranks), timeout=timeout)
         if rank in ranks:
             my_dp_group, my_dp_ranks = group, ranks
     for ranks in tp_groups:
-        group = dist.new_group(list(ranks))
+        group = dist.new_group(list(ranks), timeout=timeout)
         if rank in ranks:
             my_tp_group, my_tp_ranks = group, ranks
     assert my_tp_group is not None and my_dp_group is not None

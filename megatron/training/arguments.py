@@ -58,6 +58,17 @@ def _training(parser: argparse.ArgumentParser) -> None:
                        help="exit after the iteration that is a multiple of this")
     group.add_argument("--exit-duration-in-mins", type=float, default=None,
                        help="save and exit after this many minutes of training")
+    group.add_argument("--exit-signal-handler", action="store_true",
+                       help="on SIGTERM, finish the iteration on every rank, save and exit 0")
+    group.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", default=True,
+                       dest="check_for_nan_in_loss_and_grad",
+                       help="stop on a NaN/inf loss or gradient (fp32/bf16; the default)")
+    group.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false",
+                       dest="check_for_nan_in_loss_and_grad",
+                       help="skip such iterations instead (counted as nan iterations)")
+    group.add_argument("--max-consecutive-skipped-iterations", type=int, default=100,
+                       help="fp16: stop after this many overflowing iterations in a row "
+                            "(loss-scale collapse); 0: never")
     group.add_argument("--dataloader-type", choices=("single", "cyclic"), default="single")
     group.add_argument("--num-workers", type=int, default=2, help="data loader workers")
 
@@ -135,6 +146,10 @@ def _checkpointing(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-load-rng", action="store_true")
     group.add_argument("--finetune", action="store_true",
                        help="load model weights only, start at iteration 0")
+    group.add_argument("--ckpt-step", type=int, default=None,
+                       help="load this iteration of --load instead of the latest")
+    group.add_argument("--keep-last-n-checkpoints", type=int, default=None,
+                       help="keep only the newest N checkpoints of --save (default: all)")
 
 
 def _logging(parser: argparse.ArgumentParser) -> None:
@@ -349,6 +364,10 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.load is not None and os.path.exists(args.load) and not os.path.isdir(args.load):
         raise ArgumentError(f"--load {args.load} is not a directory")
+    if args.ckpt_step is not None and args.load is None:
+        raise ArgumentError(f"--ckpt-step {args.ckpt_step} needs --load DIR")
+    if args.keep_last_n_checkpoints is not None and args.save is None:
+        raise ArgumentError("--keep-last-n-checkpoints needs --save DIR")
 
 
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -366,8 +385,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                      "make_vocab_size_divisible_by", "ffn_hidden_size", "max_position_embeddings",
                      "loss_scale_window", "hysteresis", "distributed_timeout_minutes",
                      "adam_eps", "init_method_std", "layernorm_epsilon", "lr_decay_iters",
-                     "lr_decay_samples", "tensorboard_log_interval"))
+                     "lr_decay_samples", "tensorboard_log_interval",
+                     "keep_last_n_checkpoints"))
     _positive(args, ("lr", "min_lr", "weight_decay", "clip_grad", "eval_iters", "num_workers",
+                     "ckpt_step", "max_consecutive_skipped_iterations",
                      "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_init",
                      "vocab_extra_ids"), allow_zero=True)
     _check_model(args)

@@ -10,18 +10,24 @@ Each file holds ``model`` (nested as :func:`megatron.model.bert_model.nested_sta
 ``args``, ``iteration`` and ``checkpoint_version`` (3.0). Only data-parallel rank 0 of each
 tensor-parallel group writes.
 
-A save writes every file into ``iter_{iteration:07d}.tmp``, then global rank 0 renames that
-directory into place and finally rewrites the tracker (through a temporary file and
-``os.replace``). A save interrupted at any point leaves the previous checkpoint and the tracker
-as they were.
+A save writes every file into ``iter_{iteration:07d}.tmp``, records each file's size and SHA-256
+in ``checkpoint_integrity.json`` (written last, by global rank 0), renames that directory into
+place and finally rewrites the tracker (through a temporary file and ``os.replace``). A save
+interrupted at any point leaves the previous checkpoint and the tracker as they were. A load
+verifies its file against the record and names a truncated or corrupt shard by path;
+``iteration=`` (``--ckpt-step``) picks an earlier checkpoint. ``keep_last_n`` deletes older
+checkpoints only once a newer one is complete and the tracker names it.
 """
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import random
+import re
 import shutil
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +43,9 @@ __all__ = [
     "get_checkpoint_tracker_filename",
     "read_metadata",
     "find_checkpoint",
+    "list_checkpoints",
+    "write_integrity_record",
+    "verify_checkpoint_file",
     "get_rng_state",
     "set_rng_state",
     "save_checkpoint",
@@ -47,7 +56,10 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+INTEGRITY_FILENAME = "checkpoint_integrity.json"
+INTEGRITY_FORMAT = "megatron-bert checkpoint integrity 1"
 RESHARD_TOOL = "tools/checkpoint_util.py"
+_ITERATION_DIR = re.compile(r"^iter_(\d{7,})$")
 
 
 class CheckpointError(RuntimeError):
@@ -90,21 +102,129 @@ def read_metadata(tracker_filename: str) -> Tuple[int, bool]:
     return iteration, False
 
 
-def find_checkpoint(load_dir: str) -> Optional[Tuple[int, bool, str]]:
-    """``(iteration, release, directory)`` of the latest checkpoint, or ``None`` without tracker.
+def list_checkpoints(save_dir: str) -> List[int]:
+    """Iterations of the complete ``iter_XXXXXXX`` directories in ``save_dir``, ascending."""
+    if not os.path.isdir(save_dir):
+        return []
+    found = (_ITERATION_DIR.match(name) for name in os.listdir(save_dir))
+    return sorted(int(match.group(1)) for match in found
+                  if match and os.path.isdir(os.path.join(save_dir, match.group(0))))
+
+
+def _available(load_dir: str) -> str:
+    iterations = list_checkpoints(load_dir)
+    return ", ".join(map(str, iterations)) if iterations else "none"
+
+
+def find_checkpoint(load_dir: str, iteration: Optional[int] = None
+                    ) -> Optional[Tuple[int, bool, str]]:
+    """``(iteration, release, directory)`` of the checkpoint to load.
+
+    Args:
+        load_dir: the checkpoint directory.
+        iteration: a specific iteration (``--ckpt-step``) instead of the tracker's.
+
+    Returns:
+        ``None`` when ``iteration`` is not given and ``load_dir`` has no tracker file.
 
     Raises:
-        CheckpointError: for a tracker naming a directory that does not exist.
+        CheckpointError: for a tracker (or ``iteration``) naming a directory that does not exist.
     """
+    if iteration is not None:
+        directory = os.path.join(load_dir, _iteration_dirname(iteration))
+        if not os.path.isdir(directory):
+            raise CheckpointError(f"--ckpt-step {iteration}: {directory} does not exist "
+                                  f"(checkpoints in {load_dir}: {_available(load_dir)})")
+        return iteration, False, directory
     tracker = get_checkpoint_tracker_filename(load_dir)
     if not os.path.isfile(tracker):
         return None
     iteration, release = read_metadata(tracker)
     directory = os.path.join(load_dir, _iteration_dirname(iteration, release))
+    if not os.path.isdir(directory) and os.path.isdir(directory + ".old"):
+        # A re-save of the same iteration was interrupted between its two renames.
+        logger.warning("%s is missing; recovering the previous copy %s.old", directory, directory)
+        os.replace(directory + ".old", directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{tracker} points at {'release' if release else iteration}, but "
-                              f"{directory} does not exist")
+                              f"{directory} does not exist (checkpoints in {load_dir}: "
+                              f"{_available(load_dir)}; pick one with --ckpt-step)")
     return iteration, release, directory
+
+
+def _file_digest(path: str) -> Dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _write_json_atomically(path: str, value: dict) -> None:
+    with open(path + ".tmp", "w") as handle:
+        json.dump(value, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def write_integrity_record(directory: str, iteration: int,
+                           files: Optional[Dict[str, Dict[str, Any]]] = None) -> str:
+    """Write ``checkpoint_integrity.json`` into a checkpoint directory (its last file).
+
+    Args:
+        directory: an ``iter_XXXXXXX`` (or ``release``, or staging) directory.
+        iteration: the checkpoint's iteration.
+        files: ``{relative path: {"bytes", "sha256"}}``; computed from every
+            ``mp_rank_*/model_optim_rng.pt`` in ``directory`` when not given (tools use this).
+
+    Returns:
+        The path of the record.
+    """
+    if files is None:
+        files = {}
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name, "model_optim_rng.pt")
+            if name.startswith("mp_rank_") and os.path.isfile(path):
+                files[f"{name}/model_optim_rng.pt"] = _file_digest(path)
+    record = {"format": INTEGRITY_FORMAT, "iteration": iteration,
+              "tensor_model_parallel_size": len(files), "files": files}
+    path = os.path.join(directory, INTEGRITY_FILENAME)
+    _write_json_atomically(path, record)
+    return path
+
+
+def verify_checkpoint_file(directory: str, relative_path: str) -> bool:
+    """Check one file of a checkpoint against the directory's integrity record.
+
+    Returns:
+        ``True`` when verified, ``False`` when the directory has no record (a checkpoint written
+        by Megatron-LM or an older version: nothing to verify against).
+
+    Raises:
+        CheckpointError: naming the file when it is missing, truncated or corrupt, or the record
+            unreadable.
+    """
+    record_path = os.path.join(directory, INTEGRITY_FILENAME)
+    if not os.path.isfile(record_path):
+        return False
+    try:
+        with open(record_path) as handle:
+            expected = json.load(handle)["files"][relative_path]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{record_path} is unreadable or has no entry for "
+                              f"{relative_path}: {type(error).__name__}: {error}") from None
+    path = os.path.join(directory, relative_path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist ({record_path} lists it)")
+    size = os.path.getsize(path)
+    if size != expected["bytes"]:
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {size} bytes, "
+                              f"{expected['bytes']} when saved")
+    if _file_digest(path)["sha256"] != expected["sha256"]:
+        raise CheckpointError(f"checkpoint file {path} is corrupt: its SHA-256 differs from the "
+                              f"one recorded when it was saved ({record_path})")
+    return True
 
 
 def _saved_tensor_parallel_size(directory: str) -> int:
@@ -156,6 +276,32 @@ def _gather_rng_states(data_parallel_group) -> List[dict]:
     return states
 
 
+def _prune(save_dir: str, keep_last_n: Optional[int], newest: int) -> None:
+    """Delete all but the newest ``keep_last_n`` checkpoints (after the tracker names ``newest``)."""
+    if not keep_last_n:
+        return
+    older = [it for it in list_checkpoints(save_dir) if it != newest]
+    for iteration in older[:max(0, len(older) - (keep_last_n - 1))]:
+        directory = os.path.join(save_dir, _iteration_dirname(iteration))
+        shutil.rmtree(directory, ignore_errors=True)
+        logger.info("deleted checkpoint %s (--keep-last-n-checkpoints %d)", directory, keep_last_n)
+
+
+def _remove_leftovers(save_dir: str) -> None:
+    """Delete what interrupted saves left: staging directories, and ``.old`` copies of
+    checkpoints that were re-saved completely."""
+    if not os.path.isdir(save_dir):
+        return
+    for name in os.listdir(save_dir):
+        path = os.path.join(save_dir, name)
+        stem, suffix = os.path.splitext(name)
+        if not (_ITERATION_DIR.match(stem) and os.path.isdir(path)):
+            continue
+        if suffix == ".tmp" or (suffix == ".old" and os.path.isdir(os.path.join(save_dir, stem))):
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("removed %s, left by an interrupted save", path)
+
+
 def _publish(save_dir: str, staging: str, final: str, iteration: int) -> None:
     """Rename the staged directory into place, then point the tracker at it (rank 0 only)."""
     if os.path.exists(final):  # saving the same iteration again: swap, then drop the old one
@@ -166,19 +312,58 @@ def _publish(save_dir: str, staging: str, final: str, iteration: int) -> None:
         shutil.rmtree(old)
     else:
         os.replace(staging, final)
+    _fsync_directory(save_dir)
     tracker = get_checkpoint_tracker_filename(save_dir)
     with open(tracker + ".tmp", "w") as handle:
         handle.write(str(iteration))
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tracker + ".tmp", tracker)
+    _fsync_directory(save_dir)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make renames inside ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _save_file(state: dict, path: str) -> Dict[str, Any]:
+    """``torch.save`` to ``path``, flushed to disk; returns its size and SHA-256."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return _file_digest(path)
+
+
+def _gather_file_records(record: Optional[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
+    """Every writing rank's ``(relative path, digest)``, on every rank."""
+    if not _distributed() or dist.get_world_size() == 1:
+        return dict([record]) if record else {}
+    records: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(records, record)
+    return dict(item for item in records if item is not None)
 
 
 def save_checkpoint(iteration: int, model: torch.nn.Module, optimizer=None,
                     opt_param_scheduler=None, *, save_dir: str,
                     args: Optional[argparse.Namespace] = None, no_save_optim: bool = False,
-                    no_save_rng: bool = False) -> str:
+                    no_save_rng: bool = False, keep_last_n: Optional[int] = None) -> str:
     """Save the model (and optimizer, scheduler, RNG state) at ``iteration``; every rank calls.
+
+    Args:
+        keep_last_n: once this checkpoint is complete and the tracker names it, delete all but
+            the newest ``keep_last_n`` checkpoints of ``save_dir`` (default: keep all).
 
     Returns:
         The directory of this checkpoint (``{save_dir}/iter_{iteration:07d}``).
@@ -190,9 +375,10 @@ def save_checkpoint(iteration: int, model: torch.nn.Module, optimizer=None,
     final = os.path.join(save_dir, _iteration_dirname(iteration))
     staging = final + ".tmp"
     if _global_rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted save
+        _remove_leftovers(save_dir)
         os.makedirs(staging)
     _barrier()
+    record = None
     if dp_rank == 0:
         state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
                  "model": nested_state_dict(model.state_dict())}
@@ -202,13 +388,14 @@ def save_checkpoint(iteration: int, model: torch.nn.Module, optimizer=None,
                 state["opt_param_scheduler"] = opt_param_scheduler.state_dict()
         if rng_states is not None:
             state["rng_state"] = rng_states
-        path = os.path.join(staging, f"mp_rank_{tp_rank:02d}", "model_optim_rng.pt")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(state, path)
-    _barrier()
+        relative = f"mp_rank_{tp_rank:02d}/model_optim_rng.pt"
+        record = (relative, _save_file(state, os.path.join(staging, relative)))
+    files = _gather_file_records(record)  # also the barrier: every file is written
     if _global_rank() == 0:
+        write_integrity_record(staging, iteration, files)
         _publish(save_dir, staging, final, iteration)
         logger.info("saved checkpoint at iteration %d to %s", iteration, final)
+        _prune(save_dir, keep_last_n, iteration)
     _barrier()
     return final
 
@@ -238,7 +425,8 @@ def _check_tensor_parallel_size(load_dir: str, directory: str, expected: int) ->
 
 def load_checkpoint(model: torch.nn.Module, optimizer=None, opt_param_scheduler=None, *,
                     load_dir: str, strict: bool = True, no_load_optim: bool = False,
-                    no_load_rng: bool = False, finetune: bool = False
+                    no_load_rng: bool = False, finetune: bool = False,
+                    iteration: Optional[int] = None
                     ) -> Tuple[int, Optional[argparse.Namespace]]:
     """Load the latest checkpoint of ``load_dir`` into this rank's model (and optimizer, ...).
 
@@ -249,23 +437,27 @@ def load_checkpoint(model: torch.nn.Module, optimizer=None, opt_param_scheduler=
         strict: the model's keys must match the checkpoint's exactly.
         no_load_rng: keep the current RNG state.
         finetune: load the weights only and start from iteration 0.
+        iteration: load this iteration (``--ckpt-step``) instead of the tracker's.
 
     Returns:
         ``(iteration, saved_args)``; ``(0, None)`` when ``load_dir`` has no tracker file.
 
     Raises:
-        CheckpointError: for a tracker naming a missing checkpoint, an unreadable file, or a
-            checkpoint of another tensor-parallel size (the message gives the resharding
-            command).
+        CheckpointError: for a tracker naming a missing checkpoint, a missing, truncated or
+            corrupt file (checked against the checkpoint's integrity record), or a checkpoint of
+            another tensor-parallel size (the message gives the resharding command).
     """
-    found = find_checkpoint(load_dir)
+    found = find_checkpoint(load_dir, iteration)
     if found is None:
         logger.warning("no checkpoint tracker %s: starting from scratch",
                        get_checkpoint_tracker_filename(load_dir))
         return 0, None
     iteration, release, directory = found
     _check_tensor_parallel_size(load_dir, directory, mpu.get_tensor_model_parallel_world_size())
-    path = get_checkpoint_name(load_dir, iteration, release, mpu.get_tensor_model_parallel_rank())
+    tp_rank = mpu.get_tensor_model_parallel_rank()
+    path = get_checkpoint_name(load_dir, iteration, release, tp_rank)
+    if not verify_checkpoint_file(directory, f"mp_rank_{tp_rank:02d}/model_optim_rng.pt"):
+        logger.info("%s has no %s; loading it unverified", directory, INTEGRITY_FILENAME)
     state = _load_file(path)
     try:
         model.load_state_dict(flat_state_dict(state["model"]), strict=strict)

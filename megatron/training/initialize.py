@@ -60,7 +60,8 @@ def initialize_megatron(*, tensor_model_parallel_size: int, seed: int,
         tensor_model_parallel_size: ranks each layer is split over.
         seed: random seed.
         distributed_backend: ``nccl`` or ``gloo`` (default: :func:`default_backend`).
-        distributed_timeout_minutes: collective timeout.
+        distributed_timeout_minutes: how long any collective (of the world and of the tensor- and
+            data-parallel groups) waits for a peer before failing instead of hanging.
         local_rank: this process's index on its node (default: ``LOCAL_RANK``).
 
     Returns:
@@ -86,7 +87,9 @@ def initialize_megatron(*, tensor_model_parallel_size: int, seed: int,
             raise RuntimeError(f"model parallelism is initialised with size {size}, not "
                                f"{tensor_model_parallel_size}")
     else:
-        mpu.initialize_model_parallel(tensor_model_parallel_size)
+        mpu.initialize_model_parallel(
+            tensor_model_parallel_size,
+            timeout=datetime.timedelta(minutes=distributed_timeout_minutes))
     set_random_seed(seed)
     logger.info("initialised: world size %d, tensor-parallel %d, data-parallel %d, backend %s",
                 dist.get_world_size(), tensor_model_parallel_size,

@@ -209,13 +209,20 @@ class MegatronOptimizer:
         return bool(found_inf.item() > 0)
 
     @torch.no_grad()
-    def step(self) -> Tuple[bool, float]:
+    def step(self, skip_if_not_finite: bool = False) -> Tuple[bool, float]:
         """Average, unscale, check, clip and apply the gradients.
+
+        Args:
+            skip_if_not_finite: without fp16 loss scaling, skip a step whose gradient norm is
+                not finite instead of raising.
 
         Returns:
             ``(updated, grad_norm)``: ``updated`` is False when fp16 gradients overflowed and the
-            step was skipped (the loss scaler has then backed off); ``grad_norm`` is the norm
-            before clipping (``nan`` for a skipped step).
+            step was skipped (the loss scaler has then backed off), or for a non-finite step
+            skipped on request; ``grad_norm`` is the norm before clipping (``nan`` if skipped).
+
+        Raises:
+            FloatingPointError: for a non-finite gradient norm, unless skipped.
         """
         grads = self._grads()
         allreduce_gradients(grads, self.data_parallel_group, self.bucket_bytes)
@@ -229,6 +236,9 @@ class MegatronOptimizer:
                 master.grad = param.main_grad
         norm = mpu.get_grad_norm(self.master_params, process_group=self.tensor_parallel_group)
         grad_norm = float(norm)
+        if not math.isfinite(grad_norm) and skip_if_not_finite:
+            logger.warning("gradient norm is %s: skipping this step", grad_norm)
+            return False, math.nan
         if not math.isfinite(grad_norm):
             raise FloatingPointError(
                 f"gradient norm is {grad_norm}: the gradients are not finite; stopping before "

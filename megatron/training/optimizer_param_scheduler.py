@@ -252,9 +252,10 @@ class OptimizerParamScheduler:
             return cls_value
         if not self.use_checkpoint_opt_param_scheduler and cls_value != sd_value:
             raise ValueError(
-                f"OptimizerParamScheduler: {name} is {cls_value} here but {sd_value} in the "
-                "checkpoint (set use_checkpoint_opt_param_scheduler or "
-                "override_opt_param_scheduler to resolve)"
+                f"the learning-rate schedule's {name} is {cls_value} here but {sd_value} in "
+                "the checkpoint: keep the schedule flags of the run that saved it, or pass "
+                "--use-checkpoint-opt_param-scheduler (take the checkpoint's) or "
+                "--override-opt_param-scheduler (take these flags')"
             )
         logger.info("using checkpoint value %s for %s", sd_value, name)
         return sd_value

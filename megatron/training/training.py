@@ -13,9 +13,11 @@ Nothing here reads global state: the arguments travel as a parameter.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
+import signal
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -29,6 +31,7 @@ from megatron.training.grad_scaler import build_grad_scaler
 from megatron.training.initialize import initialize_megatron
 from megatron.training.optimizer import MegatronOptimizer
 from megatron.training.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.training.signals import DistributedSignalHandler
 from megatron.training.training_log import TrainingLogger
 from megatron.training.utils import average_losses_across_data_parallel_group, print_rank_0
 
@@ -50,6 +53,7 @@ class TrainingResult:
         valid_losses: ``(iteration, {name: loss})`` of each validation.
         checkpoint: directory of the last checkpoint saved, if any.
         loss_scale: the loss scale at the end (1.0 without fp16).
+        exit_reason: why training stopped before ``--train-iters`` (``None`` if it did not).
     """
 
     iteration: int = 0
@@ -59,6 +63,7 @@ class TrainingResult:
     valid_losses: List[tuple] = dataclasses.field(default_factory=list)
     checkpoint: Optional[str] = None
     loss_scale: float = 1.0
+    exit_reason: Optional[str] = None
 
 
 def get_optimizer_param_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamScheduler:
@@ -108,11 +113,13 @@ def _check_finite(losses: Dict[str, torch.Tensor], iteration: Optional[int]) -> 
 
 def train_step(forward_step_func: Callable, data_iterator, model: torch.nn.Module,
                optimizer: MegatronOptimizer, opt_param_scheduler, *, num_micro_batches: int,
-               global_batch_size: int, iteration: Optional[int] = None):
+               global_batch_size: int, iteration: Optional[int] = None,
+               check_for_nan: bool = True):
     """One optimizer step over ``num_micro_batches`` micro-batches.
 
-    A non-finite loss stops training with :class:`FloatingPointError` before the update, except
-    with fp16 loss scaling, where the overflowing step is skipped and the scale backs off.
+    A non-finite loss or gradient stops training with :class:`FloatingPointError` naming the
+    iteration, before the update (``check_for_nan``; with it off, the iteration is skipped
+    instead). With fp16 loss scaling an overflowing step is skipped and the scale backs off.
 
     Returns:
         ``(losses, updated, grad_norm)``: losses averaged over micro-batches and data-parallel
@@ -127,9 +134,13 @@ def train_step(forward_step_func: Callable, data_iterator, model: torch.nn.Modul
         for name, value in reported.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float() / num_micro_batches
     losses = average_losses_across_data_parallel_group(totals)
-    if optimizer.grad_scaler is None:
+    if optimizer.grad_scaler is None and check_for_nan:
         _check_finite(losses, iteration)
-    updated, grad_norm = optimizer.step()
+    try:
+        updated, grad_norm = optimizer.step(skip_if_not_finite=not check_for_nan)
+    except FloatingPointError as error:
+        where = "" if iteration is None else f" (iteration {iteration})"
+        raise FloatingPointError(f"{error}{where}") from None
     if updated:
         opt_param_scheduler.step(increment=global_batch_size)
     return losses, updated, grad_norm
@@ -153,7 +164,8 @@ def evaluate(forward_step_func: Callable, data_iterator, model: torch.nn.Module,
             in average_losses_across_data_parallel_group(totals).items()}
 
 
-def _build_iterators(provider: Callable, args: argparse.Namespace, consumed: int):
+def _build_iterators(provider: Callable, args: argparse.Namespace, consumed: int,
+                     device: torch.device):
     """Train, valid and test iterators, and which of the three exist.
 
     Only tensor-parallel rank 0 builds datasets and iterators (the others get ``None`` and
@@ -179,7 +191,7 @@ def _build_iterators(provider: Callable, args: argparse.Namespace, consumed: int
             data_parallel_size=mpu.get_data_parallel_world_size(),
             dataloader_type=args.dataloader_type, num_workers=args.num_workers, seed=args.seed)
         for index, dataset in enumerate(datasets)]
-    exists = torch.tensor([float(loader is not None) for loader in loaders])
+    exists = torch.tensor([float(loader is not None) for loader in loaders], device=device)
     if mpu.get_tensor_model_parallel_world_size() > 1:
         dist.broadcast(exists, mpu.get_tensor_model_parallel_src_rank(),
                        group=mpu.get_tensor_model_parallel_group())
@@ -192,47 +204,78 @@ def _build_iterators(provider: Callable, args: argparse.Namespace, consumed: int
 def _save(args, iteration, model, optimizer, scheduler, result: TrainingResult) -> None:
     result.checkpoint = save_checkpoint(
         iteration, model, optimizer, scheduler, save_dir=args.save, args=args,
-        no_save_optim=args.no_save_optim, no_save_rng=args.no_save_rng)
+        no_save_optim=args.no_save_optim, no_save_rng=args.no_save_rng,
+        keep_last_n=args.keep_last_n_checkpoints)
     print_rank_0(f"saved checkpoint at iteration {iteration} to {result.checkpoint}")
 
 
-def _time_to_exit(args, start: float) -> bool:
-    if args.exit_duration_in_mins is None:
-        return False
-    done = torch.tensor([float((time.time() - start) / 60.0 > args.exit_duration_in_mins)])
-    dist.all_reduce(done, op=dist.ReduceOp.MAX)
-    return bool(done.item())
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` OR-ed over every rank (collective)."""
+    value = torch.tensor([float(flag)], device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _exit_reason(args, iteration: int, start: float, signals: Optional[DistributedSignalHandler],
+                 device: torch.device) -> Optional[str]:
+    """Why training stops after ``iteration`` (the same answer on every rank), or ``None``."""
+    if args.exit_interval and iteration % args.exit_interval == 0:
+        return f"--exit-interval {args.exit_interval}"
+    if signals is not None and signals.stop_requested(device):
+        return f"signal {signal.Signals(signals.sig).name}"
+    if args.exit_duration_in_mins is not None and _any_rank(
+            (time.time() - start) / 60.0 > args.exit_duration_in_mins, device):
+        return f"--exit-duration-in-mins {args.exit_duration_in_mins}"
+    return None
+
+
+def _check_loss_scale_collapse(args, skipped_in_a_row: int, iteration: int, optimizer) -> None:
+    limit = args.max_consecutive_skipped_iterations
+    if optimizer.grad_scaler is not None and limit and skipped_in_a_row >= limit:
+        raise FloatingPointError(
+            f"loss-scale collapse: {skipped_in_a_row} iterations in a row (up to iteration "
+            f"{iteration}) had inf/NaN gradients and were skipped; the loss scale is now "
+            f"{optimizer.get_loss_scale():g} (--min-loss-scale {args.min_loss_scale:g}). The run "
+            "has diverged or its gradients do not fit fp16: lower --lr, train with --bf16, or "
+            "resume from an earlier checkpoint (--ckpt-step). Stopped without saving "
+            f"(--max-consecutive-skipped-iterations {limit}).")
 
 
 def _train(forward_step_func, iterators, has_valid: bool, model, optimizer, scheduler, args,
-           iteration, result: TrainingResult, log: TrainingLogger) -> int:
+           iteration, result: TrainingResult, log: TrainingLogger, device: torch.device,
+           signals: Optional[DistributedSignalHandler]) -> int:
     train_iterator, valid_iterator, _ = iterators
     start = time.time()
+    skipped_in_a_row = 0
     while iteration < args.train_iters:
         losses, updated, grad_norm = train_step(
             forward_step_func, train_iterator, model, optimizer, scheduler,
             num_micro_batches=args.num_micro_batches, global_batch_size=args.global_batch_size,
-            iteration=iteration + 1)
+            iteration=iteration + 1, check_for_nan=args.check_for_nan_in_loss_and_grad)
         iteration += 1
         args.consumed_train_samples += args.global_batch_size
         result.losses.append({name: float(value) for name, value in losses.items()})
         result.grad_norms.append(grad_norm)
         result.skipped_iterations += not updated
+        skipped_in_a_row = 0 if updated else skipped_in_a_row + 1
         log.iteration(iteration, losses, updated=updated, grad_norm=grad_norm,
                       learning_rate=scheduler.get_lr(), loss_scale=optimizer.get_loss_scale(),
                       consumed_samples=args.consumed_train_samples)
+        _check_loss_scale_collapse(args, skipped_in_a_row, iteration, optimizer)
         if has_valid and args.eval_iters > 0 and iteration % args.eval_interval == 0:
             valid = evaluate(forward_step_func, valid_iterator, model, args.eval_iters)
             result.valid_losses.append((iteration, valid))
             log.validation(f"iteration {iteration}", valid, iteration)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             _save(args, iteration, model, optimizer, scheduler, result)
-        exit_now = bool(args.exit_interval and iteration % args.exit_interval == 0)
-        if exit_now or _time_to_exit(args, start):
+        reason = _exit_reason(args, iteration, start, signals, device)
+        if reason is not None:
             if args.save and (result.checkpoint is None or
                               not result.checkpoint.endswith(f"iter_{iteration:07d}")):
                 _save(args, iteration, model, optimizer, scheduler, result)
-            print_rank_0(f"exiting at iteration {iteration}")
+            result.exit_reason = reason
+            print_rank_0(f"exiting at iteration {iteration} ({reason})")
             break
     return iteration
 
@@ -259,19 +302,21 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
     if args.load is not None:
         iteration, saved_args = load_checkpoint(
             model, optimizer, scheduler, load_dir=args.load, no_load_optim=args.no_load_optim,
-            no_load_rng=args.no_load_rng, finetune=args.finetune)
+            no_load_rng=args.no_load_rng, finetune=args.finetune, iteration=args.ckpt_step)
         if iteration > 0:
             print_rank_0(f"resuming from {args.load} at iteration {iteration}")
     args.consumed_train_samples = iteration * args.global_batch_size
     args.iteration = iteration
     iterators, exists = _build_iterators(train_valid_test_datasets_provider, args,
-                                         args.consumed_train_samples)
+                                         args.consumed_train_samples, device)
     result = TrainingResult(iteration=iteration)
     log = TrainingLogger(args, model, device)
+    signals = DistributedSignalHandler() if args.exit_signal_handler else None
     try:
         if iteration < args.train_iters:
-            iteration = _train(forward_step_func, iterators, exists[1], model, optimizer,
-                               scheduler, args, iteration, result, log)
+            with signals if signals is not None else contextlib.nullcontext():
+                iteration = _train(forward_step_func, iterators, exists[1], model, optimizer,
+                                   scheduler, args, iteration, result, log, device, signals)
         result.iteration = args.iteration = iteration
         stopped_early = iteration < args.train_iters
         if args.save and not stopped_early and (

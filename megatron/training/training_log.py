@@ -21,7 +21,8 @@ def count_parameters(model: torch.nn.Module) -> int:
     """Parameters of the whole model: every shard once, every replicated parameter once."""
     local = sum(p.numel() for p in model.parameters()
                 if mpu.param_is_not_tensor_parallel_duplicate(p))
-    total = torch.tensor([local], dtype=torch.float64)
+    device = next(model.parameters()).device
+    total = torch.tensor([local], dtype=torch.float64, device=device)
     if mpu.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=mpu.get_tensor_model_parallel_group())
     return int(total.item())
