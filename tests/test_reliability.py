@@ -200,3 +200,33 @@ def test_sustained_fp16_overflow_stops_with_the_loss_scale_message(tmp_path, dat
     # Hysteresis 2: the first overflow keeps 65536, then each halves it (2048 after the 6th).
     # Skipped iterations 3..7 were saved at 4 and 6 (they changed nothing); 8 was not.
     assert checkpointing.list_checkpoints(str(save)) == [2, 4, 6]
+
+
+def _build_mapping(args):
+    prefix, cache_dir, seed = args
+    from megatron.data.indexed_dataset import make_dataset
+    from megatron.data.samples_mapping import get_samples_mapping
+
+    indexed = make_dataset(prefix, "mmap", skip_warmup=True)
+    mapping = get_samples_mapping(indexed, prefix, None, 20000, 61, 0.1, seed, "train", True,
+                                  cache_dir=cache_dir)
+    return bytes(memoryview(mapping.tobytes()))
+
+
+def test_jobs_building_the_same_cache_at_once_do_not_corrupt_it(tmp_path, data_prefix):
+    import multiprocessing
+
+    import numpy as np
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        pool.map(_build_mapping, [(data_prefix, "", 7)] * 4)  # imports done, no cache written
+        for round_ in range(3):  # three fresh races of four builders
+            cache = tmp_path / f"cache{round_}"
+            cache.mkdir()
+            built = pool.map(_build_mapping, [(data_prefix, str(cache), 7 + round_)] * 4,
+                             chunksize=1)
+            assert len(set(built)) == 1
+            files = os.listdir(cache)
+            assert len(files) == 1 and files[0].endswith(".npy"), files  # no temporary left
+            assert np.load(cache / files[0]).tobytes() == built[0]

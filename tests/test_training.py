@@ -1,6 +1,7 @@
 """pretrain_bert.py end to end on CPU/gloo: layouts agree, golden losses, resume, precision."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -217,3 +218,51 @@ def test_bad_flags_exit_with_a_message_naming_the_value(tmp_path):
     assert result.returncode == 1
     assert "--hidden-size 128 is not divisible by --num-attention-heads 3" in result.stderr
     assert not (tmp_path / "demo").exists()  # nothing written
+
+
+def test_tensorboard_scalars_and_the_missing_package_warning(monkeypatch, caplog):
+    import argparse
+    import logging
+    import types
+
+    from megatron.model import BertConfig, BertModel
+    from megatron.training import training_log
+
+    written = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, max_queue):
+            written.append(("init", log_dir, max_queue))
+
+        def add_scalar(self, name, value, step):
+            written.append((name, round(float(value), 6), step))
+
+        def close(self):
+            written.append(("close",))
+
+    args = argparse.Namespace(
+        tensorboard_dir="tb", tensorboard_queue_size=7, tensorboard_log_interval=1,
+        num_layers=1, hidden_size=16, seq_length=8, global_batch_size=4, micro_batch_size=4,
+        num_micro_batches=1, data_parallel_size=1, tensor_model_parallel_size=1, log_interval=2,
+        train_iters=2)
+    model = BertModel(BertConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
+                                 vocab_size=100, max_position_embeddings=8))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=FakeWriter))
+    log = training_log.TrainingLogger(args, model, torch.device("cpu"))
+    for iteration in (1, 2):
+        log.iteration(iteration, {"lm loss": torch.tensor(5.0 - iteration)}, updated=True,
+                      grad_norm=1.5, learning_rate=1e-3, loss_scale=1.0,
+                      consumed_samples=4 * iteration)
+    log.validation("iteration 2", {"lm loss": 2.0}, 2)
+    log.close()
+    assert written[0] == ("init", "tb", 7) and written[-1] == ("close",)
+    assert ("lm loss", 3.0, 2) in written and ("learning-rate", 0.001, 2) in written
+    assert ("grad-norm", 1.5, 1) in written and ("lm loss validation", 2.0, 2) in written
+    assert ("lm loss validation ppl", round(math.exp(2.0), 6), 2) in written
+    assert any(name == "samples-per-second" for name, *_ in written)
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    with caplog.at_level(logging.WARNING):
+        log = training_log.TrainingLogger(args, model, torch.device("cpu"))
+    assert log.writer is None and "tensorboard is not installed" in caplog.text
