@@ -22,3 +22,5 @@ bench: install
 	$(PYTHON) bench/bench_model.py
 	$(PYTHON) bench/bench_preprocess.py
 	$(PYTHON) bench/bench_train.py
+	$(PYTHON) bench/bench_checkpoint.py
+	$(PYTHON) bench/bench_finetune.py

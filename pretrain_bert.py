@@ -43,7 +43,8 @@ BATCH_KEYS = ["text", "types", "labels", "is_random", "loss_mask", "padding_mask
 def model_provider(args, vocab_size: int, pre_process: bool = True, post_process: bool = True):
     """This rank's shard of the BERT model."""
     config = arguments.bert_config_from_args(args, vocab_size)
-    args.padded_vocab_size = config.padded_vocab_size
+    # Both sizes go into checkpoints: the tools strip the padding back to vocab_size.
+    args.vocab_size, args.padded_vocab_size = vocab_size, config.padded_vocab_size
     return BertModel(config)
 
 

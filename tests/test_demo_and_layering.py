@@ -41,7 +41,17 @@ LAYERS = {
     "tokenizer": ({"regex", "sentencepiece", "numpy"}, {"tokenizer"}),
     "data": ({"numpy", "torch", "regex", "sentencepiece", "nltk"}, {"mpu", "tokenizer", "data"}),
     "training": ({"numpy", "torch", "apex"}, {"mpu", "model", "data", "tokenizer", "training"}),
+    # checkpoint tools: above training (its checkpoint layout and errors), below tasks/tools.
+    "checkpoint": ({"torch", "safetensors"},
+                   {"mpu", "model", "tokenizer", "training", "checkpoint"}),
+    # tasks/ is a top-level package (tasks/main.py is Megatron-LM's entry point) above training.
+    "tasks": ({"numpy", "torch", "tasks"},
+              {"mpu", "model", "data", "tokenizer", "training", "checkpoint"}),
 }
+
+
+def _package_dir(package):
+    return ROOT / package if package == "tasks" else ROOT / "megatron" / package
 
 
 def _imports(path):
@@ -59,7 +69,7 @@ def _imports(path):
 @pytest.mark.parametrize("package", sorted(LAYERS))
 def test_packages_import_only_the_layers_below_them(package):
     third_party, own = LAYERS[package]
-    for path in sorted((ROOT / "megatron" / package).glob("*.py")):
+    for path in sorted(_package_dir(package).rglob("*.py")):
         for name in _imports(path):
             parts = name.split(".")
             if parts[0] == "megatron":
@@ -70,7 +80,7 @@ def test_packages_import_only_the_layers_below_them(package):
 
 
 def test_library_code_is_device_agnostic_and_does_not_print():
-    for path in sorted((ROOT / "megatron").rglob("*.py")):
+    for path in sorted([*(ROOT / "megatron").rglob("*.py"), *(ROOT / "tasks").rglob("*.py")]):
         text = path.read_text()
         assert ".cuda()" not in text, path
         assert "torch.cuda.current_device" not in text, path
