@@ -148,8 +148,9 @@ def test_load_model_state_dict_reshards_a_tp1_checkpoint(tmp_path, tp):
 def test_load_model_state_dict_merges_a_tp4_checkpoint_and_reads_release(tmp_path):
     model = save_tp1(tmp_path / "tp1")
     shards = independent_split(model, 4, 512)
-    states = [dict(read_rank(tmp_path / "tp1", 2, 0), model=nested_state_dict(shard))
-              for shard in shards]
+    saved = read_rank(tmp_path / "tp1", 2, 0)
+    args = argparse.Namespace(**dict(vars(saved["args"]), tensor_model_parallel_size=4))
+    states = [dict(saved, args=args, model=nested_state_dict(shard)) for shard in shards]
     release = tmp_path / "tp4"
     for rank, state in enumerate(states):
         os.makedirs(release / "release" / f"mp_rank_{rank:02d}")

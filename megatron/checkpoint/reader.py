@@ -178,6 +178,11 @@ class CheckpointSource:
         self.tp = len(ranks)
         first = self.state(0)
         self.args = first.get("args")
+        saved_tp = getattr(self.args, "tensor_model_parallel_size", None)
+        if saved_tp is not None and saved_tp != self.tp:
+            raise CheckpointError(f"{self.directory} holds {self.tp} mp_rank_XX directories, but "
+                                  f"{self.file(0)} was saved at tensor-parallel size {saved_tp}: "
+                                  "a rank is missing")
         try:
             self.version = legacy.check_version(first.get("checkpoint_version", 0),
                                                 self.file(0))
