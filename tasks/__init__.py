@@ -1,0 +1,1 @@
+"""Finetuning and evaluation on downstream tasks: GLUE and RACE (``python tasks/main.py``)."""

@@ -1,0 +1,1 @@
+"""GLUE: readers for the original TSV files of the nine tasks, metrics, finetuning."""

@@ -1,0 +1,1 @@
+"""RACE: reader for the original directory layout, multiple-choice finetuning."""
