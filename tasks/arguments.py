@@ -32,8 +32,6 @@ ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attent
                      "max_position_embeddings", "make_vocab_size_divisible_by",
                      "layernorm_epsilon", "vocab_extra_ids")
 TOKENIZER_KEYS = ("tokenizer_type", "vocab_file", "tokenizer_model")
-_PLACEHOLDER_DATA = ["<task data>"]
-_PLACEHOLDER_ITERS = 2 ** 62
 
 
 def add_task_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -194,11 +192,8 @@ def validate_task_args(args: argparse.Namespace) -> argparse.Namespace:
     if "data_path" in args.explicit:
         raise ArgumentError("--data-path does not apply to finetuning: use --train-data and "
                             "--valid-data")
-    # The training flags' checks need a schedule and a data path: give them stand-ins (the
-    # schedule's length is set by set_schedule once the training set is read).
-    args.data_path, args.train_iters = _PLACEHOLDER_DATA, _PLACEHOLDER_ITERS
-    arguments.validate_args(args)
-    args.data_path, args.train_iters = None, None
+    # The schedule's length is set by set_schedule once the training set is read.
+    arguments.validate_args(args, needs_data_path=False, needs_length=False)
     if args.eval_micro_batch_size is None:
         args.eval_micro_batch_size = args.micro_batch_size
     return args

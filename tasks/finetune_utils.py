@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -30,14 +29,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron import mpu
-from megatron.model.bert_model import flat_state_dict
+from megatron.checkpoint import load_model_state_dict
 from megatron.training import training
 from megatron.training.arguments import bert_config_from_args
 from megatron.training.checkpointing import (
-    RESHARD_TOOL,
     CheckpointError,
     find_checkpoint,
-    get_checkpoint_name,
     load_checkpoint,
     save_checkpoint,
 )
@@ -149,38 +146,6 @@ def forward_step(data_iterator, model, *, regression: bool):
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def _load_model_state_dict(load_dir: str, tp_size: int, tp_rank: int, vocab_size: int):
-    """``(flat state dict, saved args, iteration)`` of this rank, from any TP size if possible.
-
-    Uses :func:`megatron.checkpoint.load_model_state_dict` (which reshards and re-pads the
-    vocabulary) where it exists; otherwise the checkpoint must have this run's TP size.
-    """
-    if importlib.util.find_spec("megatron.checkpoint") is not None:
-        from megatron.checkpoint import load_model_state_dict
-
-        return load_model_state_dict(load_dir, tensor_model_parallel_size=tp_size,
-                                     tensor_model_parallel_rank=tp_rank, vocab_size=vocab_size)
-    found = find_checkpoint(load_dir)
-    if found is None:
-        raise CheckpointError(f"--pretrained-checkpoint {load_dir} has no "
-                              "latest_checkpointed_iteration.txt")
-    iteration, release, directory = found
-    saved = len([name for name in os.listdir(directory) if name.startswith("mp_rank_")])
-    if saved != tp_size:
-        raise CheckpointError(
-            f"the checkpoint in {directory} was saved with tensor-model-parallel size {saved}; "
-            f"this run uses {tp_size}. Reshard it first:\n  python {RESHARD_TOOL} --load-dir "
-            f"{load_dir} --save-dir {load_dir.rstrip(os.sep)}_tp{tp_size} "
-            f"--target-tensor-parallel-size {tp_size}")
-    path = get_checkpoint_name(load_dir, iteration, release, tp_rank)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # truncated or foreign files raise many kinds of errors
-        raise CheckpointError(f"cannot read checkpoint file {path}: {type(error).__name__}: "
-                              f"{error}") from error
-    return flat_state_dict(state["model"]), state.get("args"), iteration
-
-
 def load_pretrained_checkpoint(model: torch.nn.Module, load_dir: str) -> Tuple[int, List[str]]:
     """Load the language-model weights of ``load_dir`` into ``model``; the task head stays new.
 
@@ -193,9 +158,11 @@ def load_pretrained_checkpoint(model: torch.nn.Module, load_dir: str) -> Tuple[i
     Raises:
         CheckpointError: for missing language-model weights or shapes that do not fit.
     """
-    state, _, iteration = _load_model_state_dict(
-        load_dir, mpu.get_tensor_model_parallel_world_size(),
-        mpu.get_tensor_model_parallel_rank(), model.config.vocab_size)
+    # Any tensor-parallel size: the weights are resharded and the vocabulary re-padded.
+    state, _, iteration = load_model_state_dict(
+        load_dir, tensor_model_parallel_size=mpu.get_tensor_model_parallel_world_size(),
+        tensor_model_parallel_rank=mpu.get_tensor_model_parallel_rank(),
+        vocab_size=model.config.vocab_size)
     own = model.state_dict()
     weights = {key: value for key, value in state.items() if key.startswith("language_model.")}
     dropped = sorted(set(state) - set(weights))
@@ -316,14 +283,14 @@ class _Finetuner:
                               learning_rate=self.scheduler.get_lr(),
                               loss_scale=self.optimizer.get_loss_scale(),
                               consumed_samples=iteration * args.global_batch_size)
-                training._check_loss_scale_collapse(args, skipped_in_a_row, iteration,
-                                                    self.optimizer)
+                training.check_loss_scale_collapse(args, skipped_in_a_row, iteration,
+                                                   self.optimizer)
                 if iteration % per_epoch == 0 or iteration % args.eval_interval == 0:
                     self.evaluate(iteration)
                 if args.save_interval and iteration % args.save_interval == 0:
                     self.save(iteration)
-                reason = (training._exit_reason(args, iteration, self.start, signals,
-                                                self.device)
+                reason = (training.exit_reason(args, iteration, self.start, signals,
+                                               self.device)
                           if iteration < args.train_iters else None)
                 if reason is not None:
                     self.save(iteration)

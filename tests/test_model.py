@@ -301,3 +301,30 @@ def test_megatron_checkpoint_nesting_round_trips():
     assert set(flat_state_dict(old)) == set(flat)
     with pytest.raises(ValueError, match="'language_model.decoder.x' is not in Megatron's layout"):
         nested_state_dict({"language_model.decoder.x": torch.zeros(1)})
+
+
+def test_first_token_only_last_layer_gives_the_same_cls_and_gradients():
+    # Classification and MultipleChoice read [CLS] only, so their last layer computes position 0
+    # alone; the pooled output and every gradient must equal the full computation's.
+    torch.manual_seed(0)
+    config = BertConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=100,
+                        max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0)
+    model = Classification(config, num_classes=3)
+    ids = torch.randint(0, 100, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    results = []
+    for first in (False, True):
+        model.zero_grad()
+        hidden, pooled = model.language_model(ids, mask, first_token_only=first)
+        assert hidden.shape == ((3, 1, 32) if first else (3, 12, 32))
+        pooled.pow(2).sum().backward()
+        results.append((hidden[:, 0].detach().clone(), pooled.detach().clone(),
+                        {n: p.grad.clone() for n, p in model.named_parameters()
+                         if p.grad is not None}))
+    (h_full, p_full, g_full), (h_first, p_first, g_first) = results
+    torch.testing.assert_close(h_first, h_full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p_first, p_full, rtol=1e-5, atol=1e-6)
+    assert set(g_first) == set(g_full)
+    for name, grad in g_full.items():
+        torch.testing.assert_close(g_first[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -182,7 +182,8 @@ class Classification(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 tokentype_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[b, s]`` inputs -> ``[b, num_classes]`` logits."""
-        _, pooled = self.language_model(input_ids, attention_mask, tokentype_ids)
+        _, pooled = self.language_model(input_ids, attention_mask, tokentype_ids,
+                                        first_token_only=True)
         return self.classification_head(self.classification_dropout(pooled))
 
 
@@ -208,7 +209,8 @@ class MultipleChoice(nn.Module):
         """``[b, choices, s]`` inputs -> ``[b, choices]`` scores."""
         B, C, S = input_ids.shape
         flat = lambda t: None if t is None else t.reshape(B * C, S)  # noqa: E731
-        _, pooled = self.language_model(flat(input_ids), flat(attention_mask), flat(tokentype_ids))
+        _, pooled = self.language_model(flat(input_ids), flat(attention_mask), flat(tokentype_ids),
+                                        first_token_only=True)
         return self.multichoice_head(self.multichoice_dropout(pooled)).view(B, C)
 
 

@@ -123,9 +123,12 @@ class TransformerLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 tokentype_ids: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, first_token_only: bool = False,
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Encode ``[b, s]`` token ids; ``attention_mask`` ``[b, s]`` is 1 for tokens, 0 for pads.
+
+        ``first_token_only``: the caller reads position 0 only (the pooled ``[CLS]``), so the
+        last layer computes that position alone and ``hidden_states`` is ``[b, 1, h]``.
 
         Returns:
             ``(hidden_states [b, s, h], pooled_output [b, h] or None)``.
@@ -134,6 +137,6 @@ class TransformerLanguageModel(nn.Module):
         if attention_mask is not None:
             mask = attention_mask.bool()[:, None, None, :]  # [b, 1, 1, s]: keys to attend
         hidden_states = self.embedding(input_ids, position_ids, tokentype_ids)
-        hidden_states = self.encoder(hidden_states, mask)
+        hidden_states = self.encoder(hidden_states, mask, first_token_only=first_token_only)
         pooled = self.pooler(hidden_states) if self.pooler is not None else None
         return hidden_states, pooled

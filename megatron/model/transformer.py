@@ -70,14 +70,21 @@ class ParallelAttention(nn.Module):
             config.hidden_size, config.hidden_size, input_is_parallel=True,
             init_method=output_layer_init_method, skip_bias_add=True, **common)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]):
-        """``attention_mask``: ``[b, 1, 1, s]`` boolean, True where a key may be attended."""
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                first_query_only: bool = False):
+        """``attention_mask``: ``[b, 1, 1, s]`` boolean, True where a key may be attended.
+
+        ``first_query_only``: attend from position 0 only (every position is still a key and a
+        value); the output is ``[b, 1, h]``. What a classifier needs of the last layer.
+        """
         B, S, _ = hidden_states.shape
         heads = self.num_attention_heads_per_partition
         head_dim = self.hidden_size_per_attention_head
         mixed, _ = self.query_key_value(hidden_states)  # [b, s, 3h/p]
         query, key, value = mixed.view(B, S, heads, 3, head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         # query, key, value: [b, heads/p, s, head_dim]
+        if first_query_only:
+            query, S = query[:, :, :1], 1  # [b, heads/p, 1, head_dim]
         if self.training and self.attention_dropout > 0.0:
             with mpu.get_rng_tracker().fork():  # this rank's heads get their own dropout masks
                 context = F.scaled_dot_product_attention(
@@ -102,9 +109,14 @@ class ParallelTransformerLayer(nn.Module):
         self.mlp = ParallelMLP(config, init_method, output_layer_init_method, process_group)
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                first_token_only: bool = False):
+        """``[b, s, h]`` -> ``[b, s, h]`` (``[b, 1, h]``, position 0 only, with
+        ``first_token_only``)."""
         attention_output, attention_bias = self.self_attention(
-            self.input_layernorm(hidden_states), attention_mask)
+            self.input_layernorm(hidden_states), attention_mask, first_query_only=first_token_only)
+        if first_token_only:
+            hidden_states = hidden_states[:, :1]  # [b, 1, h]
         hidden_states = bias_dropout_add(attention_output, attention_bias, hidden_states,
                                          self.hidden_dropout, self.training)
         mlp_output, mlp_bias = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -131,11 +143,21 @@ class ParallelTransformer(nn.Module):
         self.final_layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
                                          dtype=config.params_dtype)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                first_token_only: bool = False):
+        """``[b, s, h]`` -> ``[b, s, h]``.
+
+        ``first_token_only``: return ``[b, 1, h]``, the output at position 0 only. The last
+        layer then computes its attention query, output projection and MLP for that position
+        alone (its keys and values still cover every position), which is all a ``[CLS]``
+        classifier reads; the result at position 0 is the same.
+        """
         recompute = self.recompute_activations and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            first = first_token_only and index == last
             if recompute:
-                hidden_states = mpu.checkpoint(layer, hidden_states, attention_mask)
+                hidden_states = mpu.checkpoint(layer, hidden_states, attention_mask, first)
             else:
-                hidden_states = layer(hidden_states, attention_mask)
+                hidden_states = layer(hidden_states, attention_mask, first)
         return self.final_layernorm(hidden_states)

@@ -288,7 +288,10 @@ def _check_batch(args: argparse.Namespace) -> None:
     args.num_micro_batches = args.global_batch_size // per_step
 
 
-def _check_schedule(args: argparse.Namespace) -> None:
+def _check_schedule(args: argparse.Namespace, needs_length: bool = True) -> None:
+    if not needs_length and args.train_iters is None and args.train_samples is None:
+        _check_optimizer(args)  # the caller sets the length later (finetuning: from epochs)
+        return
     if (args.train_iters is None) == (args.train_samples is None):
         raise ArgumentError("give exactly one of --train-iters and --train-samples, got "
                             f"--train-iters {args.train_iters} --train-samples "
@@ -300,15 +303,11 @@ def _check_schedule(args: argparse.Namespace) -> None:
         if getattr(args, name):
             unit = "--train-iters" if by_iters else "--train-samples"
             raise ArgumentError(f"--{name.replace('_', '-')} does not go with {unit}")
+    _check_optimizer(args)
     if args.lr_warmup_fraction is not None:
-        if not 0.0 <= args.lr_warmup_fraction <= 1.0:
-            raise ArgumentError(
-                f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
         if args.lr_warmup_iters or args.lr_warmup_samples:
             raise ArgumentError("give only one of --lr-warmup-fraction and "
                                 "--lr-warmup-iters/--lr-warmup-samples")
-    if args.min_lr > args.lr:
-        raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     if args.train_samples is not None and args.train_samples < args.global_batch_size:
         raise ArgumentError(f"--train-samples {args.train_samples} is smaller than one global "
                             f"batch ({args.global_batch_size})")
@@ -324,6 +323,14 @@ def _check_schedule(args: argparse.Namespace) -> None:
             "--train-samples", args.train_samples)
         raise ArgumentError(f"--lr-warmup-samples {args.lr_warmup_samples} is longer than "
                             f"{decay[0]} {decay[1]}")
+
+
+def _check_optimizer(args: argparse.Namespace) -> None:
+    if args.lr_warmup_fraction is not None and not 0.0 <= args.lr_warmup_fraction <= 1.0:
+        raise ArgumentError(
+            f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ArgumentError(f"--{name.replace('_', '-')} must be in [0, 1), "
@@ -341,11 +348,11 @@ def _check_precision(args: argparse.Namespace) -> None:
     args.params_dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
 
 
-def _check_paths(args: argparse.Namespace) -> None:
-    if not args.data_path:
+def _check_paths(args: argparse.Namespace, needs_data_path: bool = True) -> None:
+    if not args.data_path and needs_data_path:
         raise ArgumentError("missing required argument: --data-path PREFIX "
                             "(make one with tools/preprocess_data.py)")
-    if len(args.data_path) > 1:
+    if args.data_path and len(args.data_path) > 1:
         if len(args.data_path) % 2:
             raise ArgumentError("--data-path with several datasets takes weight-prefix pairs, "
                                 f"got {len(args.data_path)} values: {args.data_path}")
@@ -370,8 +377,16 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise ArgumentError("--keep-last-n-checkpoints needs --save DIR")
 
 
-def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+def validate_args(args: argparse.Namespace, *, needs_data_path: bool = True,
+                  needs_length: bool = True) -> argparse.Namespace:
     """Check ``args`` and fill in derived values, in place (and return it).
+
+    Args:
+        args: the parsed flags.
+        needs_data_path: ``--data-path`` is required (pretraining; finetuning reads its own
+            task files).
+        needs_length: one of ``--train-iters``/``--train-samples`` is required (finetuning
+            derives the length from ``--epochs`` and the training set, then checks it).
 
     Raises:
         ArgumentError: naming the flag(s) and value(s) at fault.
@@ -393,9 +408,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                      "vocab_extra_ids"), allow_zero=True)
     _check_model(args)
     _check_batch(args)
-    _check_schedule(args)
+    _check_schedule(args, needs_length)
     _check_precision(args)
-    _check_paths(args)
+    _check_paths(args, needs_data_path)
     return args
 
 

@@ -35,8 +35,9 @@ from megatron.training.signals import DistributedSignalHandler
 from megatron.training.training_log import TrainingLogger
 from megatron.training.utils import average_losses_across_data_parallel_group, print_rank_0
 
-__all__ = ["TrainingResult", "evaluate", "get_optimizer_param_scheduler", "pretrain",
-           "setup_model_and_optimizer", "train_step"]
+__all__ = ["TrainingResult", "check_loss_scale_collapse", "evaluate", "exit_reason",
+           "get_optimizer_param_scheduler", "pretrain", "setup_model_and_optimizer",
+           "train_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,8 +218,8 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def _exit_reason(args, iteration: int, start: float, signals: Optional[DistributedSignalHandler],
-                 device: torch.device) -> Optional[str]:
+def exit_reason(args, iteration: int, start: float, signals: Optional[DistributedSignalHandler],
+                device: torch.device) -> Optional[str]:
     """Why training stops after ``iteration`` (the same answer on every rank), or ``None``."""
     if args.exit_interval and iteration % args.exit_interval == 0:
         return f"--exit-interval {args.exit_interval}"
@@ -230,7 +231,8 @@ def _exit_reason(args, iteration: int, start: float, signals: Optional[Distribut
     return None
 
 
-def _check_loss_scale_collapse(args, skipped_in_a_row: int, iteration: int, optimizer) -> None:
+def check_loss_scale_collapse(args, skipped_in_a_row: int, iteration: int, optimizer) -> None:
+    """Stop (:class:`FloatingPointError`) after too many fp16 overflows in a row."""
     limit = args.max_consecutive_skipped_iterations
     if optimizer.grad_scaler is not None and limit and skipped_in_a_row >= limit:
         raise FloatingPointError(
@@ -262,14 +264,14 @@ def _train(forward_step_func, iterators, has_valid: bool, model, optimizer, sche
         log.iteration(iteration, losses, updated=updated, grad_norm=grad_norm,
                       learning_rate=scheduler.get_lr(), loss_scale=optimizer.get_loss_scale(),
                       consumed_samples=args.consumed_train_samples)
-        _check_loss_scale_collapse(args, skipped_in_a_row, iteration, optimizer)
+        check_loss_scale_collapse(args, skipped_in_a_row, iteration, optimizer)
         if has_valid and args.eval_iters > 0 and iteration % args.eval_interval == 0:
             valid = evaluate(forward_step_func, valid_iterator, model, args.eval_iters)
             result.valid_losses.append((iteration, valid))
             log.validation(f"iteration {iteration}", valid, iteration)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             _save(args, iteration, model, optimizer, scheduler, result)
-        reason = _exit_reason(args, iteration, start, signals, device)
+        reason = exit_reason(args, iteration, start, signals, device)
         if reason is not None:
             if args.save and (result.checkpoint is None or
                               not result.checkpoint.endswith(f"iter_{iteration:07d}")):
