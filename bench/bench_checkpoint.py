@@ -26,8 +26,10 @@ The targets: peak ≤ 1.5 × (largest single shard + largest tensor), and time �
 TP=1 file is the largest shard in both reshard directions. Threads are pinned (``--threads``,
 default 1, and one CPU) for every side. Disk: about 9.5 GB at peak, removed at the end.
 
-Usage: ``python bench/bench_checkpoint.py [--rounds 2] [--dir /tmp] [--small]``
-(``--small`` runs a 4-layer, hidden-256 model for a quick check).
+Usage: ``python bench/bench_checkpoint.py [--rounds 2] [--dir /tmp] [--model 345m|3.9b|small]
+[--no-optimizer]`` (``--model small``, or ``--small``, is a 4-layer, hidden-256 model for a
+quick check; ``--model 3.9b --no-optimizer`` writes 15.6 GB at TP=1 and needs about 47 GB of
+scratch disk).
 """
 
 import argparse
@@ -49,6 +51,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 VOCAB = ROOT / "data" / "bert-large-uncased-vocab.txt"
+# (layers, hidden, heads): BERT-345M and BERT-3.9B of the Megatron-LM paper, and a quick check.
+MODELS = {"345m": (24, 1024, 16), "3.9b": (48, 2560, 40), "small": (4, 256, 8)}
 
 
 def _status_kib(field: str) -> int:
@@ -61,8 +65,9 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def build_checkpoint(save: Path, layers: int, hidden: int, heads: int) -> dict:
-    """A random BERT checkpoint at TP=1 with AdamW state; returns sizes."""
+def build_checkpoint(save: Path, layers: int, hidden: int, heads: int,
+                     optimizer: bool = True) -> dict:
+    """A random BERT checkpoint at TP=1, with AdamW state if ``optimizer``; returns sizes."""
     from megatron.checkpoint.hf_import import expected_shapes
     from megatron.checkpoint.sharding import optimizer_param_names
     from megatron.model import BertConfig
@@ -78,7 +83,7 @@ def build_checkpoint(save: Path, layers: int, hidden: int, heads: int) -> dict:
         if name.endswith("word_embeddings.weight") or name == "lm_head.bias":
             tensor[config.vocab_size:] = 0
         model[name] = tensor
-    groups = optimizer_param_names(model)
+    groups = optimizer_param_names(model) if optimizer else []
     ids, state, param_groups, index = {}, {}, [], 0
     for group in groups:
         param_groups.append({"params": list(range(index, index + len(group))), "lr": 1e-4,
@@ -96,9 +101,9 @@ def build_checkpoint(save: Path, layers: int, hidden: int, heads: int) -> dict:
                          tensor_model_parallel_size=1, padded_vocab_size=config.padded_vocab_size,
                          vocab_size=30522, vocab_file=str(VOCAB))
     checkpoint = {"args": args, "checkpoint_version": 3.0, "iteration": 100,
-                  "model": nested_state_dict(model),
-                  "optimizer": {"state": state, "param_groups": param_groups},
-                  "opt_param_scheduler": {"num_steps": 800}}
+                  "model": nested_state_dict(model), "opt_param_scheduler": {"num_steps": 800}}
+    if optimizer:
+        checkpoint["optimizer"] = {"state": state, "param_groups": param_groups}
     path = save / "iter_0000100" / "mp_rank_00" / "model_optim_rng.pt"
     path.parent.mkdir(parents=True)
     torch.save(checkpoint, path)
@@ -228,18 +233,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dir", default=None, help="scratch directory (default: $TMPDIR)")
-    parser.add_argument("--small", action="store_true", help="4 layers, hidden 256 (quick)")
+    parser.add_argument("--model", default="345m", choices=sorted(MODELS),
+                        help="shape (layers, hidden, heads): " + ", ".join(
+                            f"{k} {v}" for k, v in sorted(MODELS.items())))
+    parser.add_argument("--small", action="store_true", help="the same as --model small")
+    parser.add_argument("--no-optimizer", action="store_true",
+                        help="weights only, no AdamW state (3.9b with its state needs 94 GB of "
+                             "disk for source and target)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # children inherit it
-    shape = (4, 256, 8) if args.small else (24, 1024, 16)
+    shape = MODELS["small" if args.small else args.model]
     work = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=args.dir))
     try:
-        sizes = build_checkpoint(work / "tp1", *shape)
+        sizes = build_checkpoint(work / "tp1", *shape, optimizer=not args.no_optimizer)
         tp1_bytes = sum(p.stat().st_size for p in files_of(work / "tp1"))
         result = {"model": {"layers": shape[0], "hidden": shape[1], "heads": shape[2],
-                            "params": sizes["params"]},
+                            "params": sizes["params"], "optimizer_state": not args.no_optimizer},
                   "checkpoint_bytes": tp1_bytes, "largest_tensor_bytes":
                       sizes["largest_tensor_bytes"], "threads": args.threads, "rounds": args.rounds}
         bound = 1.5 * (tp1_bytes + sizes["largest_tensor_bytes"])
