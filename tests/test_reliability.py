@@ -116,15 +116,21 @@ def test_kill_9_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, 
         leftovers = [name for name in os.listdir(save) if name.endswith(".tmp")]
         assert len(leftovers) <= 1  # at most the staging directory of the interrupted save
     assert len(seen) >= 2, f"the kills all landed at iteration {seen}"
-    # Resuming works, from the latest complete checkpoint.
-    last = max(checkpointing.list_checkpoints(str(save)))
-    assert int((save / "latest_checkpointed_iteration.txt").read_text()) == last
+    # Resuming works, from the checkpoint the tracker names. A kill between a save's directory
+    # rename and its tracker update leaves one complete iteration newer than the tracker; the
+    # resumed run saves that iteration again, over it.
+    last = int((save / "latest_checkpointed_iteration.txt").read_text())
+    newest = max(checkpointing.list_checkpoints(str(save)))
+    assert newest in (last, last + 1), (last, newest)
     job = Job(tmp_path, 2, _tp2(data_prefix, "--load", str(save), "--save", str(save),
-                                "--eval-iters", "0", "--use-checkpoint-opt_param-scheduler",
-                                train_iters=last + 2), "resume")
+                                "--save-interval", "1", "--eval-iters", "0",
+                                "--use-checkpoint-opt_param-scheduler", train_iters=last + 2),
+              "resume")
     assert job.wait() == [0, 0], job.log(0)[-3000:]
     assert job.output()["iteration"] == last + 2
     assert f"resuming from {save} at iteration {last}" in job.log(0)
+    assert _check_every_shard_loads(save) == last + 2
+    assert checkpointing.list_checkpoints(str(save))[-2:] == [last + 1, last + 2]
 
 
 def test_sigterm_saves_the_current_iteration_exits_0_and_resumes_exactly(tmp_path, data_prefix):
