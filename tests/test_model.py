@@ -303,12 +303,15 @@ def test_megatron_checkpoint_nesting_round_trips():
         nested_state_dict({"language_model.decoder.x": torch.zeros(1)})
 
 
-def test_first_token_only_last_layer_gives_the_same_cls_and_gradients():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_first_token_only_last_layer_gives_the_same_cls_and_gradients(recompute):
     # Classification and MultipleChoice read [CLS] only, so their last layer computes position 0
-    # alone; the pooled output and every gradient must equal the full computation's.
+    # alone; the pooled output and every gradient must equal the full computation's, also when
+    # the layers are recomputed in backward.
     torch.manual_seed(0)
     config = BertConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=100,
-                        max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0)
+                        max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0,
+                        recompute_activations=recompute)
     model = Classification(config, num_classes=3)
     ids = torch.randint(0, 100, (3, 12))
     mask = torch.ones(3, 12, dtype=torch.long)

@@ -288,10 +288,8 @@ def _check_batch(args: argparse.Namespace) -> None:
     args.num_micro_batches = args.global_batch_size // per_step
 
 
-def _check_schedule(args: argparse.Namespace, needs_length: bool = True) -> None:
-    if not needs_length and args.train_iters is None and args.train_samples is None:
-        _check_optimizer(args)  # the caller sets the length later (finetuning: from epochs)
-        return
+def _check_schedule(args: argparse.Namespace) -> None:
+    """The run's length and the schedule's parts measured against it."""
     if (args.train_iters is None) == (args.train_samples is None):
         raise ArgumentError("give exactly one of --train-iters and --train-samples, got "
                             f"--train-iters {args.train_iters} --train-samples "
@@ -303,11 +301,6 @@ def _check_schedule(args: argparse.Namespace, needs_length: bool = True) -> None
         if getattr(args, name):
             unit = "--train-iters" if by_iters else "--train-samples"
             raise ArgumentError(f"--{name.replace('_', '-')} does not go with {unit}")
-    _check_optimizer(args)
-    if args.lr_warmup_fraction is not None:
-        if args.lr_warmup_iters or args.lr_warmup_samples:
-            raise ArgumentError("give only one of --lr-warmup-fraction and "
-                                "--lr-warmup-iters/--lr-warmup-samples")
     if args.train_samples is not None and args.train_samples < args.global_batch_size:
         raise ArgumentError(f"--train-samples {args.train_samples} is smaller than one global "
                             f"batch ({args.global_batch_size})")
@@ -326,9 +319,14 @@ def _check_schedule(args: argparse.Namespace, needs_length: bool = True) -> None
 
 
 def _check_optimizer(args: argparse.Namespace) -> None:
-    if args.lr_warmup_fraction is not None and not 0.0 <= args.lr_warmup_fraction <= 1.0:
-        raise ArgumentError(
-            f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+    """Learning rates, warm-up and Adam: what does not depend on the run's length."""
+    if args.lr_warmup_fraction is not None:
+        if not 0.0 <= args.lr_warmup_fraction <= 1.0:
+            raise ArgumentError(
+                f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+        if args.lr_warmup_iters or args.lr_warmup_samples:
+            raise ArgumentError("give only one of --lr-warmup-fraction and "
+                                "--lr-warmup-iters/--lr-warmup-samples")
     if args.min_lr > args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     for name in ("adam_beta1", "adam_beta2"):
@@ -408,7 +406,9 @@ def validate_args(args: argparse.Namespace, *, needs_data_path: bool = True,
                      "vocab_extra_ids"), allow_zero=True)
     _check_model(args)
     _check_batch(args)
-    _check_schedule(args, needs_length)
+    _check_optimizer(args)
+    if needs_length or args.train_iters is not None or args.train_samples is not None:
+        _check_schedule(args)
     _check_precision(args)
     _check_paths(args, needs_data_path)
     return args
